@@ -118,7 +118,11 @@ class KnnIndex:
         return index
 
     def _build_annoy(self, x, metric, n_trees, seed):
-        from annoy import AnnoyIndex
+        try:
+            from annoy import AnnoyIndex
+        except ImportError:
+            raise ImportError("backend='annoy' needs the annoy package: pip install annoy "
+                              "(part of the dev extra: pip install -e '.[dev]')") from None
 
         if metric not in ANNOY_METRICS:
             raise ValueError(f"unknown annoy_metric '{metric}'; choose one of {', '.join(ANNOY_METRICS)}")
