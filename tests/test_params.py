@@ -89,8 +89,10 @@ def test_notebook_namespace():
     p = from_notebook({**ns, "lr": None}, notebook_params=("backbones",))
     assert (p.head.head, p.head.k, p.model.backbone) == ("CosFace", 1, "resnet18")
     assert p.train.lr == load_params(ns["params_file"]).train.lr == 0.002  # None: the file's value
-    with pytest.raises(ParamsError, match="unknown parameter 'hed' \\(did you mean 'head'\\?\\)"):
-        from_notebook({**ns, "hed": "ArcFace"}, notebook_params=("backbones",))
+    with pytest.raises(ParamsError) as err:
+        from_notebook({**ns, "hed": "ArcFace", "k": 0}, notebook_params=("backbones",))
+    assert err.value.problems == ["unknown parameter 'hed' (did you mean 'head'?)",
+                                  "k=0 must be >= 1 (sub-centres per class)"]
 
 
 def test_flat_names_cover_every_field():

@@ -27,7 +27,13 @@ import yaml
 
 
 class ParamsError(ValueError):
-    """One or more parameters are invalid; the message lists every problem."""
+    """One or more parameters are invalid; the message lists every problem (also in ``.problems``)."""
+
+    def __init__(self, problems, title: str = "invalid parameters"):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        message = self.problems[0] if isinstance(problems, str) else \
+            f"{title}:\n  - " + "\n  - ".join(self.problems)
+        super().__init__(message)
 
 
 @dataclass
@@ -239,7 +245,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
         else:
             problems.append(f"{path}: unknown parameter '{key}'{closest(key, list(FLAT_NAMES) + list(SECTIONS))}")
     if problems:
-        raise ParamsError("invalid parameter file:\n  - " + "\n  - ".join(problems))
+        raise ParamsError(problems, "invalid parameter file")
     return flat
 
 
@@ -343,11 +349,11 @@ def build_params(flat: dict) -> Params:
             value = float(value)
         sections[section][name] = value
     if problems:
-        raise ParamsError("invalid parameters:\n  - " + "\n  - ".join(problems))
+        raise ParamsError(problems)
     params = Params(**sections[""], **{s: _SECTION_TYPES[s](**sections[s]) for s in SECTIONS})
     problems = _check_values(params)
     if problems:
-        raise ParamsError("invalid parameters:\n  - " + "\n  - ".join(problems))
+        raise ParamsError(problems)
     return params
 
 
@@ -381,9 +387,13 @@ def from_notebook(namespace: dict, notebook_params: tuple = ()) -> Params:
                 overrides[name] = value
         else:
             problems.append(f"unknown parameter '{name}'{closest(name, list(FLAT_NAMES) + list(notebook_params))}")
+    try:
+        params = load_params(namespace.get("params_file"), **overrides)
+    except ParamsError as err:  # report bad values together with unknown names
+        raise ParamsError(problems + err.problems, "invalid notebook parameters") from None
     if problems:
-        raise ParamsError("invalid notebook parameters:\n  - " + "\n  - ".join(problems))
-    return load_params(namespace.get("params_file"), **overrides)
+        raise ParamsError(problems, "invalid notebook parameters")
+    return params
 
 
 def save_params(params: Params, path) -> Path:
